@@ -1,0 +1,24 @@
+# Two entry points: `make lab` opens the walkthrough, `make test` runs every test.
+# Both create (or reuse) a virtual environment in .venv with the package installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: lab test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) notebooks/.drifttutor-cache
