@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
+# Where notebooks and tests find the ants-vs-bees data (the folder holding hymenoptera_data/):
+# $DRIFTTUTOR_DATA if set, else a shared copy beside the clone if there is one, else ./data
+# (downloaded there on first use).
+DRIFTTUTOR_DATA ?= $(if $(wildcard ../shared/data/hymenoptera_data),$(abspath ../shared/data),$(CURDIR)/data)
+export DRIFTTUTOR_DATA
+
 .PHONY: lab test install clean
 
 install: $(VENV)/.installed

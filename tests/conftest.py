@@ -1,8 +1,9 @@
 """Shared fixtures for the data, model and training tests.
 
-The ants-vs-bees data is found through ``$DRIFTTUTOR_DATA`` (CI sets it), falling back to the
-``shared/data`` folder next to the repository. Tests that need it are skipped, with a message,
-when it is not there. Nothing here downloads anything or writes outside ``tmp_path``.
+The ants-vs-bees data is found through ``$DRIFTTUTOR_DATA`` (``make test`` and CI set it), falling
+back to the ``shared/data`` folder next to the repository. When that folder lacks the data, it is
+downloaded there once (the real download path); offline, tests that need it are skipped with the
+download error's message. Nothing else here writes outside ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from drifttutor.data import DATA_ENV_VAR, DATASET_FOLDER, HymenopteraDataModule, ImageFiles
+from drifttutor.data import DATA_ENV_VAR, DataNotFoundError, HymenopteraDataModule, ImageFiles, download_hymenoptera
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -26,8 +27,10 @@ def _data_root() -> Path:
 def data_root() -> Path:
     """The folder that holds ``hymenoptera_data/`` (skips the test when the data is absent)."""
     root = _data_root()
-    if not (root / DATASET_FOLDER / "train").is_dir() or not (root / DATASET_FOLDER / "val").is_dir():
-        pytest.skip(f"ants-vs-bees data not found in {root}; set {DATA_ENV_VAR} to the folder holding {DATASET_FOLDER}/")
+    try:
+        download_hymenoptera(root)  # does nothing when the data is there
+    except DataNotFoundError as error:
+        pytest.skip(str(error))
     return root
 
 
