@@ -28,6 +28,8 @@ _EXPORTS = {
     "PCAReducer": "drifttutor.detectors",
     "kernel_mmd": "drifttutor.detectors",
     "make_corruption": "drifttutor.corruptions",
+    "DriftDetectionExperiment": "drifttutor.experiments",
+    "DriftMonitor": "drifttutor.monitoring",
 }
 
 __all__ = ["__version__", *_EXPORTS]
