@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import pytorch_lightning as pl
 import torch
 
 from .cache import load_or_compute_tensor
@@ -64,11 +65,19 @@ def load_walkthrough(
     backbone: str = DEFAULT_BACKBONE,
     device: torch.device | str | None = None,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> Walkthrough:
-    """Data module, finetuned classifier (on ``device``) and reference features, cached or rebuilt."""
+    """Data module, finetuned classifier (on ``device``) and reference features, cached or rebuilt.
+
+    Rebuilding draws random numbers (training shuffles and augments), so with ``seed`` set the
+    random generators are seeded again at the end: what a notebook does next is the same whether
+    or not anything had to be rebuilt.
+    """
     device = torch.device(device) if device is not None else default_device()
     datamodule = HymenopteraDataModule(data_root)
     classifier = load_or_finetune(datamodule, backbone=backbone, cache_dir=cache_dir, progress=progress).classifier
     classifier.to(device).eval()
     reference = load_or_extract_reference_features(datamodule, classifier.feature_extractor, cache_dir=cache_dir, progress=progress)
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
     return Walkthrough(datamodule, classifier, reference.to(device), device)
