@@ -56,7 +56,7 @@ def pooled_kernel_matrix(
     pooled = torch.cat([x, y])
     if pooled.dtype != torch.float64:
         pooled = pooled.float()
-    squared = pairwise_squared_distances(pooled, pooled).to(compute_dtype(x.device))
+    squared = pairwise_squared_distances(pooled).to(compute_dtype(x.device))
     squared.fill_diagonal_(0.0)
     if lengthscale is None:
         scale = kernel.resolve_lengthscale(squared)
