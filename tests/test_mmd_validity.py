@@ -26,13 +26,7 @@ KERNELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny tensor ops run faster and steadier on one thread on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def gaussian_samples(seed, n=50, m=50, d=8, shift=0.0, dtype=torch.float64):
