@@ -164,8 +164,9 @@ def test_same_seed_same_p_value():
     assert advancing.compute_p_value(y) is not None
 
 
-def test_tiny_chunks_give_exactly_the_same_p_value_and_null():
-    x, y, _ = gaussian_samples(7, n=40, m=30, shift=0.15)
+@pytest.mark.parametrize("m", [30, 31])  # an odd pooled size splits random draws unevenly
+def test_tiny_chunks_give_exactly_the_same_p_value_and_null(m):
+    x, y, _ = gaussian_samples(7, n=40, m=m, shift=0.15)
     results = [
         kernel_mmd(x, y, n_perm=500, generator=torch.Generator().manual_seed(3), max_chunk_bytes=b)
         for b in (1, 5_000, 2**30)
@@ -185,6 +186,24 @@ def test_tiny_chunks_give_exactly_the_same_p_value_and_null():
     assert torch.equal(nulls[0], nulls[1])  # bit for bit: the sums are exact
     # the permutation statistics use the kernel matrix rounded to a fine grid (exact sums)
     assert float(observed) == pytest.approx(float(results[0][0]), abs=1e-5)
+
+
+def test_detector_reuses_reference_distances_only_while_the_reference_is_unchanged():
+    x, y, _ = gaussian_samples(9, n=60, m=40, shift=0.2, dtype=torch.float32)
+    other, _, _ = gaussian_samples(10, n=60, m=2, shift=1.0, dtype=torch.float32)
+
+    def functional(reference):
+        return kernel_mmd(reference, y, n_perm=400, generator=torch.Generator().manual_seed(1))
+
+    detector = KernelMMDDriftDetector(n_perm=400, seed=1).fit(x)
+    assert tuple(detector.test(y)) == functional(x)
+    assert tuple(detector.test(y)) == functional(x)  # second test: distances from the cache
+    detector.fit(other)
+    assert tuple(detector.test(y)) == functional(other)
+    detector.load_state_dict(KernelMMDDriftDetector().fit(x).state_dict())
+    assert tuple(detector.test(y)) == functional(x)
+    detector.base_outputs.mul_(2.0)  # edited in place
+    assert tuple(detector.test(y)) == functional(2.0 * x)
 
 
 def test_calibrated_mode_is_roughly_calibrated_and_never_zero():

@@ -23,14 +23,17 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def pairwise_squared_distances(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_squared_distances(
+    x: torch.Tensor, y: torch.Tensor | None = None, *, centre: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared Euclidean distances between the rows of ``x`` (N, D) and ``y`` (M, D), as (N, M).
 
-    Uses |x|^2 + |y|^2 - 2 x.y (one matrix product) after centring both on the mean of ``x``,
-    which keeps the cancellation error small; tiny negative values from rounding are set to 0.
-    ``y=None`` means ``y = x`` (and saves half of the work around the product).
+    Uses |x|^2 + |y|^2 - 2 x.y (one matrix product) after shifting both by ``centre`` (default:
+    the mean of ``x``), which keeps the cancellation error small; tiny negative values from
+    rounding are set to 0. ``y=None`` means ``y = x`` (and saves half of the work around the
+    product).
     """
-    centre = x.mean(dim=0, keepdim=True)
+    centre = x.mean(dim=0, keepdim=True) if centre is None else centre
     x = x - centre
     x_norms = (x * x).sum(dim=1)
     if y is None:
@@ -114,7 +117,7 @@ class GaussianKernel(Kernel):
     """
 
     def from_squared_distances(self, squared_distances, lengthscale):
-        return torch.exp(squared_distances / (-2.0 * lengthscale**2))
+        return torch.div(squared_distances, -2.0 * lengthscale**2).exp_()
 
 
 class ExpKernel(Kernel):
@@ -125,7 +128,7 @@ class ExpKernel(Kernel):
     """
 
     def from_squared_distances(self, squared_distances, lengthscale):
-        return torch.exp(squared_distances.sqrt() / -lengthscale)
+        return squared_distances.sqrt().div_(-lengthscale).exp_()
 
 
 class RationalQuadraticKernel(Kernel):
@@ -143,7 +146,8 @@ class RationalQuadraticKernel(Kernel):
         self.alpha = alpha
 
     def from_squared_distances(self, squared_distances, lengthscale):
-        return (1.0 + squared_distances / (2.0 * self.alpha * lengthscale**2)) ** (-self.alpha)
+        scaled = torch.div(squared_distances, 2.0 * self.alpha * lengthscale**2)
+        return scaled.add_(1.0).pow_(-self.alpha)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"

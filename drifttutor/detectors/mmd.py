@@ -34,6 +34,9 @@ from drifttutor.detectors.permutation import (
 # Per relabelling and pooled sample, a chunk holds about 4 bytes of random keys, 8 of indices
 # (half a row), 4 of memberships S and 4 of S @ K (8 each in float64), plus temporaries.
 _BYTES_PER_ENTRY = 32
+# At most this many relabellings per chunk: small chunks reuse the same (cache-warm) memory for
+# their temporaries, where one big chunk would ask the operating system for fresh pages.
+_MAX_CHUNK_ROWS = 256
 
 
 class MMDTestResult(NamedTuple):
@@ -44,25 +47,73 @@ class MMDTestResult(NamedTuple):
     lengthscale: float
 
 
+def as_distance_dtype(features: torch.Tensor) -> torch.Tensor:
+    """Features in the precision distances are computed in: float64 stays, the rest is float32."""
+    return features if features.dtype == torch.float64 else features.float()
+
+
+def reference_squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """Squared distances within the first sample ``x``: the block a fitted detector can cache."""
+    return pairwise_squared_distances(as_distance_dtype(x))
+
+
+def pooled_squared_distances(
+    x: torch.Tensor, y: torch.Tensor, *, x_squared: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared distances (N, N) within the pooled sample [x; y], assembled from blocks.
+
+    The x-x block is ``x_squared`` when given (a detector computes it once per reference, see
+    :func:`reference_squared_distances`), else computed; the y rows come from one product of y
+    with [x; y]. All blocks are centred on the mean of x, so a cached block and a fresh one agree.
+    """
+    x, y = as_distance_dtype(x), as_distance_dtype(y)
+    centre = x.mean(dim=0, keepdim=True)
+    within_x = pairwise_squared_distances(x, centre=centre) if x_squared is None else x_squared
+    y_rows = pairwise_squared_distances(y, torch.cat([x, y]), centre=centre)
+    x_rows = torch.cat([within_x, y_rows[:, : x.shape[0]].T], dim=1)
+    return torch.cat([x_rows, y_rows])
+
+
 def pooled_kernel_matrix(
-    x: torch.Tensor, y: torch.Tensor, kernel: Kernel, *, lengthscale: float | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kernel: Kernel,
+    *,
+    lengthscale: float | None = None,
+    x_squared: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Kernel matrix of the pooled sample [x; y] with a zero diagonal, and the lengthscale used.
 
-    Distances come from one matrix product in the precision of the features (float32 features:
-    float32, float64 features: float64); kernel values are float64 (float32 on MPS). The
-    lengthscale is ``lengthscale`` if given, else the kernel's own (fixed or median heuristic).
+    Distances come from matrix products in the precision of the features (float32 features:
+    float32, float64 features: float64; ``x_squared``: the x-x block, if already known); kernel
+    values are float64 (float32 on MPS). The lengthscale is ``lengthscale`` if given, else the
+    kernel's own (fixed or median heuristic).
     """
-    pooled = torch.cat([x, y])
-    if pooled.dtype != torch.float64:
-        pooled = pooled.float()
-    squared = pairwise_squared_distances(pooled).to(compute_dtype(x.device))
-    squared.fill_diagonal_(0.0)
+    squared = pooled_squared_distances(x, y, x_squared=x_squared)
+    squared = squared.to(compute_dtype(x.device)).fill_diagonal_(0.0)
     if lengthscale is None:
         scale = kernel.resolve_lengthscale(squared)
     else:
         scale = torch.tensor(lengthscale, dtype=squared.dtype, device=squared.device)
     return kernel.from_squared_distances(squared, scale).fill_diagonal_(0.0), float(scale)
+
+
+def within_sums(memberships: torch.Tensor, kernel_matrix: torch.Tensor) -> torch.Tensor:
+    """s'Ks for every row s of a 0/1 matrix S (P, N) and a symmetric K (N, N), in float64.
+
+    Splitting the samples into halves a and b, s'Ks = sa'Kaa sa + 2 sa'Kab sb + sb'Kbb sb, so the
+    products Sa @ [Kaa Kab] and Sb @ Kbb give every term: 3/4 of the multiply-adds of S @ K.
+    """
+    half = kernel_matrix.shape[0] // 2
+    first, second = memberships[:, :half], memberships[:, half:]
+    from_first = first @ kernel_matrix[:half]
+    from_second = second @ kernel_matrix[half:, half:]
+    as_float64 = dict(dim=1, dtype=torch.float64)
+    return (
+        (from_first[:, :half] * first).sum(**as_float64)
+        + 2.0 * (from_first[:, half:] * second).sum(**as_float64)
+        + (from_second * second).sum(**as_float64)
+    )
 
 
 def mmd2_of_memberships(
@@ -77,9 +128,8 @@ def mmd2_of_memberships(
 
         within first  = s'Ks,    across = s'r - s'Ks,    within second = T - 2 s'r + s'Ks
 
-    so one product S @ K of the (P, N) membership matrix S (P x N x N multiply-adds) gives all P
-    statistics: s'Ks sums the entries of a row of S @ K at the members, s'r sums r at them.
-    Sums are accumulated in float64.
+    so the (P, N) membership matrix S, one product with K (:func:`within_sums`) and one with r
+    give all P statistics. Sums are accumulated in float64.
     """
     n_rows, n = members.shape
     m = kernel_matrix.shape[0] - n
@@ -88,8 +138,8 @@ def mmd2_of_memberships(
     total = row_sums.sum()
     memberships = kernel_matrix.new_zeros(n_rows, kernel_matrix.shape[0])
     memberships.scatter_(1, members, 1.0)
-    within_first = (memberships @ kernel_matrix).gather(1, members).sum(dim=1, dtype=torch.float64)
-    in_first = row_sums[members].sum(dim=1)
+    within_first = within_sums(memberships, kernel_matrix)
+    in_first = memberships.to(row_sums.dtype) @ row_sums
     across = in_first - within_first
     within_second = total - 2.0 * in_first + within_first
     return within_first / (n * (n - 1)) + within_second / (m * (m - 1)) - 2.0 * across / (n * m)
@@ -121,6 +171,7 @@ def null_mmd2(
     chunk_rows = rows_per_chunk(
         grid.shape[0], bytes_per_entry=_BYTES_PER_ENTRY, max_chunk_bytes=max_chunk_bytes
     )
+    chunk_rows = min(chunk_rows, _MAX_CHUNK_ROWS)
     chunks = member_chunks(
         n_perm,
         grid.shape[0],
@@ -143,9 +194,16 @@ def mmd_test(
     generator: torch.Generator | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     lengthscale: float | None = None,
+    x_squared: torch.Tensor | None = None,
 ) -> MMDTestResult:
-    """Unbiased MMD^2 of ``x`` vs ``y`` and its permutation p-value; see :func:`kernel_mmd`."""
-    kernel_matrix, used_lengthscale = pooled_kernel_matrix(x, y, kernel, lengthscale=lengthscale)
+    """Unbiased MMD^2 of ``x`` vs ``y`` and its permutation p-value; see :func:`kernel_mmd`.
+
+    ``x_squared``: the squared distances within ``x`` (:func:`reference_squared_distances`), if
+    already known.
+    """
+    kernel_matrix, used_lengthscale = pooled_kernel_matrix(
+        x, y, kernel, lengthscale=lengthscale, x_squared=x_squared
+    )
     n = x.shape[0]
     score = mmd2_of_memberships(kernel_matrix, _first_sample(kernel_matrix, n))[0]
     if n_perm is None:
@@ -237,6 +295,9 @@ class KernelMMDDriftDetector(Detector):
     instead of the score), ``seed`` (every test draws the same relabellings, so p-values reproduce
     exactly) or ``generator`` (a CPU ``torch.Generator`` that advances from test to test; default:
     torch's global generator), and ``max_chunk_bytes`` (memory bound for a chunk of relabellings).
+    The squared distances within the reference are computed on the first test and reused by later
+    ones (recomputed when the reference changes), which halves the distance work of a test whose
+    batch is as large as the reference.
 
     Calibrated mode, as in TorchDrift: ``fit(reference_features, n_test=k)`` simulates the null
     distribution once, from ``n_perm`` random splits of the reference into ``N - k`` and ``k``
@@ -267,6 +328,7 @@ class KernelMMDDriftDetector(Detector):
         self.generator = generator
         self.max_chunk_bytes = max_chunk_bytes
         self.lengthscale_: float | None = None
+        self._reference_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.register_buffer("calibrated_n_test", torch.empty(0, dtype=torch.long))
         self.register_buffer("calibrated_lengthscale", torch.empty(0, dtype=torch.float64))
         self.register_buffer("null_gamma", torch.empty(0, dtype=torch.float64))
@@ -324,6 +386,20 @@ class KernelMMDDriftDetector(Detector):
         self.lengthscale_ = lengthscale
         return self
 
+    def _reference_squared_distances(self) -> torch.Tensor:
+        """Squared distances within the reference, computed once per reference and reused.
+
+        They are half of the distance work of a test whose batch is as large as the reference.
+        The cache remembers which tensor (and which in-place version of it) it was computed from,
+        so ``fit``, ``load_state_dict`` and ``.to(device)`` all make it recompute.
+        """
+        reference = self.base_outputs
+        cached = self._reference_cache
+        if cached is None or cached[0] is not reference or cached[1] != reference._version:
+            cached = (reference, reference._version, reference_squared_distances(reference))
+            self._reference_cache = cached
+        return cached[2]
+
     def _mmd(self, features: torch.Tensor, n_perm: int | None) -> MMDTestResult:
         fixed = float(self.calibrated_lengthscale) if self.is_calibrated else None
         result = mmd_test(
@@ -334,6 +410,7 @@ class KernelMMDDriftDetector(Detector):
             generator=self._generator(),
             max_chunk_bytes=self.max_chunk_bytes,
             lengthscale=fixed,
+            x_squared=self._reference_squared_distances(),
         )
         self.lengthscale_ = result.lengthscale
         return result

@@ -47,6 +47,22 @@ def check_generator(generator: torch.Generator | None) -> None:
     )
 
 
+def random_keys(
+    n_rows: int, n_total: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """I.i.d. uniform random 31-bit integers, shape (n_rows, n_total), int32, on the CPU.
+
+    Drawn as half as many 63-bit integers, each split into two 32-bit halves with the sign bit
+    cleared (the bits of a uniform integer are independent): half the time of drawing every key
+    on its own. Every row uses ceil(n_total / 2) draws, so rows drawn in chunks are the same as
+    rows drawn at once.
+    """
+    padded = n_total + n_total % 2
+    wide = torch.empty(n_rows * padded // 2, dtype=torch.int64).random_(generator=generator)
+    keys = wide.view(torch.int32).view(n_rows, padded)[:, :n_total]
+    return keys.bitwise_and(2**31 - 1)
+
+
 def random_memberships(
     n_rows: int, n_total: int, n_first: int, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -56,7 +72,7 @@ def random_memberships(
     the ``n_first`` smallest of ``n_total`` i.i.d. random 31-bit integers (a tie at the cut, the
     only way to bias the choice, has probability below n_total / 2^31). Always drawn on the CPU.
     """
-    keys = torch.randint(2**31 - 1, (n_rows, n_total), generator=generator, dtype=torch.int32)
+    keys = random_keys(n_rows, n_total, generator=generator)
     return keys.topk(n_first, dim=1, largest=False, sorted=False).indices
 
 
@@ -126,5 +142,5 @@ def exact_grid(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     bits = 24 - log_n if use_float32 else 53 - 2 * log_n
     check(bits >= 8, f"{n_total} pooled samples are too many for exact permutation sums.")
     step = largest / 2.0**bits
-    integers = torch.round(matrix / step)
+    integers = torch.div(matrix, step).round_()
     return integers.to(torch.float32 if use_float32 else torch.float64), step
