@@ -64,6 +64,15 @@ def test_default_backbone_gives_1280_features():
     assert extractor(images(1, size=160)).shape == (1, 1280)  # any size from 32 px up
 
 
+def test_large_cpu_batches_go_through_the_backbone_in_chunks_with_the_same_features(classifier):
+    batch = images(M.CPU_CHUNK_SIZE + 3, size=64)
+    with torch.inference_mode():
+        chunked = classifier.feature_extractor(batch)
+        one_by_one = torch.cat([classifier.feature_extractor(image[None]) for image in batch])
+    assert chunked.shape == (M.CPU_CHUNK_SIZE + 3, 1280)
+    torch.testing.assert_close(chunked, one_by_one, rtol=1e-4, atol=1e-5)
+
+
 def test_resnet18_from_a_filled_hub_cache_gives_512_features(hub_dir):
     checkpoints = hub_dir / "checkpoints"
     checkpoints.mkdir(parents=True)
