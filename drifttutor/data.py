@@ -8,6 +8,7 @@ applied to raw pixels, as a camera would produce them. Introduced in ``notebooks
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -66,21 +67,27 @@ def download_hymenoptera(data_root: str | os.PathLike | None = None, *, url: str
     dataset_dir = root / DATASET_FOLDER
     if _is_complete(dataset_dir):
         return dataset_dir
+    archive = root / os.path.basename(urllib.parse.urlsplit(url).path)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if urllib.parse.urlsplit(url).scheme == "file":
             # torchvision's downloader reads ``response.length``, which only HTTP responses have.
-            archive = root / os.path.basename(urllib.parse.urlsplit(url).path)
             urllib.request.urlretrieve(url, archive)
             extract_archive(str(archive), str(root), remove_finished=True)
         else:
             download_and_extract_archive(url, download_root=str(root), remove_finished=True)
     except Exception as error:  # network errors come in many types (URLError, OSError, HTTPError)
+        retry = ""
+        if archive.is_file() and not zipfile.is_zipfile(archive):
+            # An interrupted download leaves a truncated file that torchvision would take as
+            # downloaded next time (there is no checksum to compare with), so remove it.
+            archive.unlink()
+            retry = f" Removed the incomplete download {archive.name}; run again to retry."
         raise DataNotFoundError(
             f"Could not find the ants-vs-bees data in {dataset_dir.resolve()} and could not download it "
-            f"from {url} ({type(error).__name__}: {error}). Download and unzip that archive yourself into "
-            f"{root.resolve()}, or set the environment variable {DATA_ENV_VAR} to a folder that contains "
-            f"'{DATASET_FOLDER}/'."
+            f"from {url} ({type(error).__name__}: {error}).{retry} Download and unzip that archive "
+            f"yourself into {root.resolve()}, or set the environment variable {DATA_ENV_VAR} to a "
+            f"folder that contains '{DATASET_FOLDER}/'."
         ) from error
     check(
         _is_complete(dataset_dir),

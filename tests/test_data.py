@@ -298,6 +298,17 @@ def test_download_of_the_wrong_archive_is_reported(tmp_path):
         download_hymenoptera(tmp_path / "root", url=archive.as_uri())
 
 
+def test_an_interrupted_download_is_removed_so_that_the_next_run_retries(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    partial = root / "hymenoptera_data.zip"
+    partial.write_bytes(b"PK\x03\x04 the first bytes of a zip, and then the connection dropped")
+    # The file is there, so torchvision takes it as downloaded (no checksum) and fails to unzip it.
+    with pytest.raises(DataNotFoundError, match="Removed the incomplete download hymenoptera_data.zip"):
+        download_hymenoptera(root, url=HYMENOPTERA_URL)
+    assert not partial.exists()
+
+
 def test_missing_data_without_network_names_url_folder_and_env_var(tmp_path):
     root = tmp_path / "nothing-here"
     url = "file:///nonexistent.zip"
