@@ -18,8 +18,6 @@ from drifttutor.detectors.calibration import fit_shifted_gamma, gamma_survival
 from drifttutor.detectors.kernels import (
     GaussianKernel,
     Kernel,
-    compute_dtype,
-    pairwise_squared_distances,
 )
 from drifttutor.detectors.permutation import (
     DEFAULT_MAX_CHUNK_BYTES,
@@ -52,26 +50,55 @@ def as_distance_dtype(features: torch.Tensor) -> torch.Tensor:
     return features if features.dtype == torch.float64 else features.float()
 
 
-def reference_squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """Squared distances within the first sample ``x``: the block a fitted detector can cache."""
-    return pairwise_squared_distances(as_distance_dtype(x))
+def squared_row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """|row|^2 for every row, without a temporary as large as ``rows``."""
+    return torch.linalg.vector_norm(rows, dim=1).square_()
+
+
+class ReferenceGeometry(NamedTuple):
+    """What the distances to a sample x need, computed once: x's centre, x shifted by it, the
+    squared norms of those rows and the squared distances within x. A fitted detector keeps it."""
+
+    centre: torch.Tensor
+    centred: torch.Tensor
+    squared_norms: torch.Tensor
+    squared_distances: torch.Tensor
+
+
+def reference_geometry(x: torch.Tensor) -> ReferenceGeometry:
+    """Centre, centred rows, squared norms and squared distances (one product) of the sample ``x``.
+
+    Centring on the mean keeps the cancellation error of |a|^2 + |b|^2 - 2 a.b small.
+    """
+    x = as_distance_dtype(x)
+    centre = x.mean(dim=0, keepdim=True)
+    centred = x - centre
+    norms = squared_row_norms(centred)
+    squared = torch.addmm(norms[None, :], centred, centred.T, alpha=-2.0)
+    return ReferenceGeometry(centre, centred, norms, squared.add_(norms[:, None]).clamp_min_(0.0))
 
 
 def pooled_squared_distances(
-    x: torch.Tensor, y: torch.Tensor, *, x_squared: torch.Tensor | None = None
+    x: torch.Tensor, y: torch.Tensor, *, reference: ReferenceGeometry | None = None
 ) -> torch.Tensor:
-    """Squared distances (N, N) within the pooled sample [x; y], assembled from blocks.
+    """Squared distances (N, N) within the pooled sample [x; y], in the precision of the features.
 
-    The x-x block is ``x_squared`` when given (a detector computes it once per reference, see
-    :func:`reference_squared_distances`), else computed; the y rows come from one product of y
-    with [x; y]. All blocks are centred on the mean of x, so a cached block and a fresh one agree.
+    Everything about x comes from ``reference`` (:func:`reference_geometry` of x; computed if not
+    given); y is shifted by x's centre and enters through two small products, y x' and y y'. The
+    blocks are written into one (N, N) matrix, without other temporaries of that size.
     """
-    x, y = as_distance_dtype(x), as_distance_dtype(y)
-    centre = x.mean(dim=0, keepdim=True)
-    within_x = pairwise_squared_distances(x, centre=centre) if x_squared is None else x_squared
-    y_rows = pairwise_squared_distances(y, torch.cat([x, y]), centre=centre)
-    x_rows = torch.cat([within_x, y_rows[:, : x.shape[0]].T], dim=1)
-    return torch.cat([x_rows, y_rows])
+    reference = reference_geometry(x) if reference is None else reference
+    n = reference.centred.shape[0]
+    centred = as_distance_dtype(y) - reference.centre
+    norms = squared_row_norms(centred)
+    squared = centred.new_empty(n + len(centred), n + len(centred))
+    squared[:n, :n] = reference.squared_distances
+    across = torch.addmm(reference.squared_norms[None, :], centred, reference.centred.T, alpha=-2.0)
+    squared[n:, :n] = across.add_(norms[:, None])
+    squared[:n, n:] = across.T
+    within_y = torch.addmm(norms[None, :], centred, centred.T, alpha=-2.0)
+    squared[n:, n:] = within_y.add_(norms[:, None])
+    return squared.clamp_min_(0.0)
 
 
 def pooled_kernel_matrix(
@@ -80,17 +107,16 @@ def pooled_kernel_matrix(
     kernel: Kernel,
     *,
     lengthscale: float | None = None,
-    x_squared: torch.Tensor | None = None,
+    reference: ReferenceGeometry | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Kernel matrix of the pooled sample [x; y] with a zero diagonal, and the lengthscale used.
 
-    Distances come from matrix products in the precision of the features (float32 features:
-    float32, float64 features: float64; ``x_squared``: the x-x block, if already known); kernel
-    values are float64 (float32 on MPS). The lengthscale is ``lengthscale`` if given, else the
-    kernel's own (fixed or median heuristic).
+    Distances and kernel values are computed in the precision of the features (float32 features:
+    float32, float64 features: float64; ``reference``: x's :class:`ReferenceGeometry`, if already
+    known); sums over them are taken in float64 later. The lengthscale is ``lengthscale`` if
+    given, else the kernel's own (fixed or median heuristic).
     """
-    squared = pooled_squared_distances(x, y, x_squared=x_squared)
-    squared = squared.to(compute_dtype(x.device)).fill_diagonal_(0.0)
+    squared = pooled_squared_distances(x, y, reference=reference).fill_diagonal_(0.0)
     if lengthscale is None:
         scale = kernel.resolve_lengthscale(squared)
     else:
@@ -194,15 +220,14 @@ def mmd_test(
     generator: torch.Generator | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     lengthscale: float | None = None,
-    x_squared: torch.Tensor | None = None,
+    reference: ReferenceGeometry | None = None,
 ) -> MMDTestResult:
     """Unbiased MMD^2 of ``x`` vs ``y`` and its permutation p-value; see :func:`kernel_mmd`.
 
-    ``x_squared``: the squared distances within ``x`` (:func:`reference_squared_distances`), if
-    already known.
+    ``reference``: :func:`reference_geometry` of ``x``, if already known.
     """
     kernel_matrix, used_lengthscale = pooled_kernel_matrix(
-        x, y, kernel, lengthscale=lengthscale, x_squared=x_squared
+        x, y, kernel, lengthscale=lengthscale, reference=reference
     )
     n = x.shape[0]
     score = mmd2_of_memberships(kernel_matrix, _first_sample(kernel_matrix, n))[0]
@@ -328,7 +353,7 @@ class KernelMMDDriftDetector(Detector):
         self.generator = generator
         self.max_chunk_bytes = max_chunk_bytes
         self.lengthscale_: float | None = None
-        self._reference_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._reference_cache: tuple[torch.Tensor, int, ReferenceGeometry] | None = None
         self.register_buffer("calibrated_n_test", torch.empty(0, dtype=torch.long))
         self.register_buffer("calibrated_lengthscale", torch.empty(0, dtype=torch.float64))
         self.register_buffer("null_gamma", torch.empty(0, dtype=torch.float64))
@@ -386,17 +411,18 @@ class KernelMMDDriftDetector(Detector):
         self.lengthscale_ = lengthscale
         return self
 
-    def _reference_squared_distances(self) -> torch.Tensor:
-        """Squared distances within the reference, computed once per reference and reused.
+    def _reference_geometry(self) -> ReferenceGeometry:
+        """The reference's :class:`ReferenceGeometry`, computed once per reference and reused.
 
-        They are half of the distance work of a test whose batch is as large as the reference.
-        The cache remembers which tensor (and which in-place version of it) it was computed from,
-        so ``fit``, ``load_state_dict`` and ``.to(device)`` all make it recompute.
+        It holds the squared distances within the reference: half of the distance work of a test
+        whose batch is as large as the reference. The cache remembers which tensor (and which
+        in-place version of it) it was computed from, so ``fit``, ``load_state_dict`` and
+        ``.to(device)`` all make it recompute.
         """
         reference = self.base_outputs
         cached = self._reference_cache
         if cached is None or cached[0] is not reference or cached[1] != reference._version:
-            cached = (reference, reference._version, reference_squared_distances(reference))
+            cached = (reference, reference._version, reference_geometry(reference))
             self._reference_cache = cached
         return cached[2]
 
@@ -410,7 +436,7 @@ class KernelMMDDriftDetector(Detector):
             generator=self._generator(),
             max_chunk_bytes=self.max_chunk_bytes,
             lengthscale=fixed,
-            x_squared=self._reference_squared_distances(),
+            reference=self._reference_geometry(),
         )
         self.lengthscale_ = result.lengthscale
         return result
