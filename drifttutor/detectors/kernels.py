@@ -11,6 +11,7 @@ samples, the kernel matrix is too, and the permutation test stays exact.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,26 +24,37 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def pairwise_squared_distances(
-    x: torch.Tensor, y: torch.Tensor | None = None, *, centre: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Squared Euclidean distances between the rows of ``x`` (N, D) and ``y`` (M, D), as (N, M).
+def as_distance_dtype(features: torch.Tensor) -> torch.Tensor:
+    """Features in the precision distances are computed in: float64 stays, the rest is float32."""
+    return features if features.dtype == torch.float64 else features.float()
 
-    Uses |x|^2 + |y|^2 - 2 x.y (one matrix product) after shifting both by ``centre`` (default:
-    the mean of ``x``), which keeps the cancellation error small; tiny negative values from
-    rounding are set to 0. ``y=None`` means ``y = x`` (and saves half of the work around the
-    product).
+
+def squared_row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """|row|^2 for every row, without a temporary as large as ``rows``."""
+    return torch.linalg.vector_norm(rows, dim=1).square_()
+
+
+class ReferenceGeometry(NamedTuple):
+    """What the distances to a sample x need, computed once: x's centre, x shifted by it, the
+    squared norms of those rows and the squared distances within x. A fitted detector keeps it."""
+
+    centre: torch.Tensor
+    centred: torch.Tensor
+    squared_norms: torch.Tensor
+    squared_distances: torch.Tensor
+
+
+def reference_geometry(x: torch.Tensor) -> ReferenceGeometry:
+    """Centre, centred rows, squared norms and squared distances (one product) of the sample ``x``.
+
+    Centring on the mean keeps the cancellation error of |a|^2 + |b|^2 - 2 a.b small.
     """
-    centre = x.mean(dim=0, keepdim=True) if centre is None else centre
-    x = x - centre
-    x_norms = (x * x).sum(dim=1)
-    if y is None:
-        y, y_norms = x, x_norms
-    else:
-        y = y - centre
-        y_norms = (y * y).sum(dim=1)
-    squared = torch.addmm(y_norms[None, :], x, y.T, alpha=-2.0)
-    return squared.add_(x_norms[:, None]).clamp_min_(0.0)
+    x = as_distance_dtype(x)
+    centre = x.mean(dim=0, keepdim=True)
+    centred = x - centre
+    norms = squared_row_norms(centred)
+    squared = torch.addmm(norms[None, :], centred, centred.T, alpha=-2.0)
+    return ReferenceGeometry(centre, centred, norms, squared.add_(norms[:, None]).clamp_min_(0.0))
 
 
 def median_heuristic(squared_distances: torch.Tensor) -> torch.Tensor:
@@ -100,7 +112,7 @@ class Kernel(nn.Module):
         y = x if y is None else y
         dtype = compute_dtype(x.device)
         pooled = torch.cat([x, y]).to(dtype)
-        squared = pairwise_squared_distances(pooled)
+        squared = reference_geometry(pooled).squared_distances
         squared.fill_diagonal_(0.0)
         lengthscale = self.resolve_lengthscale(squared)
         return self.from_squared_distances(squared[: len(x), len(x) :], lengthscale)

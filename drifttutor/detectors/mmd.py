@@ -18,6 +18,10 @@ from drifttutor.detectors.calibration import fit_shifted_gamma, gamma_survival
 from drifttutor.detectors.kernels import (
     GaussianKernel,
     Kernel,
+    ReferenceGeometry,
+    as_distance_dtype,
+    reference_geometry,
+    squared_row_norms,
 )
 from drifttutor.detectors.permutation import (
     DEFAULT_MAX_CHUNK_BYTES,
@@ -43,39 +47,6 @@ class MMDTestResult(NamedTuple):
     score: torch.Tensor
     p_value: torch.Tensor | None
     lengthscale: float
-
-
-def as_distance_dtype(features: torch.Tensor) -> torch.Tensor:
-    """Features in the precision distances are computed in: float64 stays, the rest is float32."""
-    return features if features.dtype == torch.float64 else features.float()
-
-
-def squared_row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """|row|^2 for every row, without a temporary as large as ``rows``."""
-    return torch.linalg.vector_norm(rows, dim=1).square_()
-
-
-class ReferenceGeometry(NamedTuple):
-    """What the distances to a sample x need, computed once: x's centre, x shifted by it, the
-    squared norms of those rows and the squared distances within x. A fitted detector keeps it."""
-
-    centre: torch.Tensor
-    centred: torch.Tensor
-    squared_norms: torch.Tensor
-    squared_distances: torch.Tensor
-
-
-def reference_geometry(x: torch.Tensor) -> ReferenceGeometry:
-    """Centre, centred rows, squared norms and squared distances (one product) of the sample ``x``.
-
-    Centring on the mean keeps the cancellation error of |a|^2 + |b|^2 - 2 a.b small.
-    """
-    x = as_distance_dtype(x)
-    centre = x.mean(dim=0, keepdim=True)
-    centred = x - centre
-    norms = squared_row_norms(centred)
-    squared = torch.addmm(norms[None, :], centred, centred.T, alpha=-2.0)
-    return ReferenceGeometry(centre, centred, norms, squared.add_(norms[:, None]).clamp_min_(0.0))
 
 
 def pooled_squared_distances(
