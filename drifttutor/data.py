@@ -67,10 +67,11 @@ def download_hymenoptera(data_root: str | os.PathLike | None = None, *, url: str
     dataset_dir = root / DATASET_FOLDER
     if _is_complete(dataset_dir):
         return dataset_dir
-    archive = root / os.path.basename(urllib.parse.urlsplit(url).path)
+    parts = urllib.parse.urlsplit(url)
+    archive = root / os.path.basename(parts.path)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if urllib.parse.urlsplit(url).scheme == "file":
+        if parts.scheme == "file":
             # torchvision's downloader reads ``response.length``, which only HTTP responses have.
             urllib.request.urlretrieve(url, archive)
             extract_archive(str(archive), str(root), remove_finished=True)
